@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 import unicodedata
 
 import torch
 from tqdm import tqdm
 
-from data import Tokenizer, load_split, make_batch
+from data import DataError, Tokenizer, load_split, make_batch
 from model import ASRModel, ModelConfig
 
 MAX_CHARS_PER_SECOND = 40  # fast read speech is ~15 characters per second
@@ -178,9 +177,12 @@ def main(argv=None):
         ap.error("give --ckpt PATH or --compare RUN_DIR ...")
     model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
     cfg = ckpt["train_config"]
-    corpus = load_split(cfg["data"], args.split, root=args.data_dir or cfg["data_dir"], lang=cfg["lang"],
-                        base_url=cfg["base_url"], max_seconds=cfg["max_seconds"],
-                        n=cfg[f"synth_{args.split}"] if cfg["data"] == "synth" else None)
+    try:
+        corpus = load_split(cfg["data"], args.split, root=args.data_dir or cfg["data_dir"], lang=cfg["lang"],
+                            base_url=cfg["base_url"], max_seconds=cfg["max_seconds"],
+                            n=cfg[f"synth_{args.split}"] if cfg["data"] == "synth" else None)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     n = len(corpus) if args.max_utts is None else min(args.max_utts, len(corpus))
     r = evaluate(model, corpus, tokenizer, range(n), args.batch_size, args.device)
     unk = tokenizer.unk_count

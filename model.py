@@ -37,6 +37,7 @@ class ModelConfig:
     radius_mode: str = "relative"  # 'relative' (f0 / median voiced f0) or the seed's 'hz'
     theta_mod: str | None = None   # None, 'accumulate' (relative) or the seed's 'absolute'
     pitch_bias: bool = False    # add exp(-|z_t - z_s|) of z-scored f0 to encoder attention logits
+    ctc: bool = False           # a CTC head on the encoder, a training aid (train.py --ctc_weight)
     bos_id: int = 1
     eos_id: int = 2
 
@@ -145,6 +146,7 @@ class ASRModel(nn.Module):
         self.conv2 = nn.Conv1d(c.d_model, c.d_model, 3, stride=2, padding=1)
         self.encoder = nn.ModuleList(EncoderBlock(c) for _ in range(c.n_enc_layers))
         self.ln_enc = nn.LayerNorm(c.d_model)
+        self.ctc_head = nn.Linear(c.d_model, c.vocab_size) if c.ctc else None
         self.log_theta = nn.Parameter(torch.tensor(math.log(c.theta))) if c.learn_theta else None
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.n_dec_layers))
@@ -229,6 +231,11 @@ class ASRModel(nn.Module):
         if cache is not None:
             cache[:] = new_cache
         return self.ln_dec(x) @ self.embed.weight.T
+
+    def ctc_log_probs(self, enc):
+        """Encoder states (B, Te, d) -> per-frame log-probabilities (Te, B, vocab), the layout of
+        F.ctc_loss; the padding id doubles as CTC's blank."""
+        return self.ctc_head(enc).float().log_softmax(-1).transpose(0, 1)
 
     def forward(self, mel, f0, tokens, mel_lengths=None):
         return self.decode(tokens, *self.encode(mel, f0, mel_lengths))

@@ -7,13 +7,36 @@
 Each test compares against an independent formulation (a closed form, a second implementation written
 differently, or a known value), with fixed seeds and tolerances that mean something.
 """
+
+import contextlib
+import http.server
+import io
+import json
 import math
+import os
+import socket
 import sys
+import tarfile
+import tempfile
+import threading
 import time
 import traceback
+from collections import Counter
+from functools import lru_cache
 
 import numpy as np
+import soundfile as sf
 import torch
+import torch.nn.functional as F
+
+import data
+import eval as evaluation
+import pitch
+import train
+from eval import cer, edit_distance, normalize, wer
+from model import ASRModel, ModelConfig
+from pitch import accumulate_phase, envelope, f0_autocorr, hilbert, pool_f0
+from rope import BANDS, apply_rotary, mel_freqs, rope_angles, rope_radius, rotary_freqs, rotation, std_freqs
 
 # one thread: the tests run small ops, where a second thread costs more than it saves, and under load
 # (other processes on the same cores) waiting threads can slow small ops down a hundredfold
@@ -21,10 +44,216 @@ torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------------
+# pitch.py
+
+
+def _pitch_voice(f0_of_t, seconds, voiced_spans, seed, jitter=0.02, snr_db=15.0, sr=16000):
+    """A synthetic voice with a known f0 track, as a float32 tensor: harmonics 1/h up to 5 kHz of a
+    phase that integrates f0 (with 2% per-cycle jitter), gated on during `voiced_spans` (5 ms ramps).
+    The gaps hold silence or a fricative-like noise burst; white noise sits `snr_db` below the voice."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f = f0_of_t(t)
+    cycle = np.floor(np.cumsum(f) / sr).astype(int)
+    f = f * (1 + jitter * rng.standard_normal(cycle[-1] + 1)[cycle])  # each glottal cycle a bit off
+    phase = 2 * np.pi * np.cumsum(f) / sr
+    voice = sum(np.sin(h * phase) / h * (h * f < 5000) for h in range(1, int(5000 / f.min()) + 1))
+    gate = np.zeros_like(t)
+    for i, (a, b) in enumerate(voiced_spans):  # syllables at different levels: 1, 0.3, 0.6, 1, ...
+        gate = np.maximum(gate, (1, 0.3, 0.6)[i % 3] * np.clip(np.minimum(t - a, b - t) / 0.005, 0, 1))
+    wave = voice * gate
+    gaps = [(b, a2) for (_, b), (a2, _) in zip(voiced_spans[:-1], voiced_spans[1:])]
+    for i, (a, b) in enumerate(gaps):
+        if i % 2:  # every other gap: a fricative-like noise burst at a fifth of the voice's level
+            burst = (t > a + 0.01) & (t < b - 0.01)
+            wave[burst] += 0.2 * voice.std() * rng.standard_normal(burst.sum())
+    wave += voice.std() * 10 ** (-snr_db / 20) * rng.standard_normal(len(t))
+    return torch.tensor(wave, dtype=torch.float32)
+
+
+def _pitch_scores(f0, f0_of_t, voiced_spans, seconds, hop=160, sr=16000, margin=0.030):
+    """Gross pitch error (|f0 - true| > 20%) over frames voiced in truth and estimate, and voicing
+    decision error over frames whose truth is clear: frames within `margin` (half the 50 ms window
+    plus the 5 ms ramp) of a voicing boundary or of either end of the wave are left out."""
+    t = np.arange(len(f0)) * hop / sr
+    edges = [0.0, seconds] + [e for span in voiced_spans for e in span]
+    clear = np.min(np.abs(t[:, None] - np.array(edges)[None]), axis=1) > margin
+    truly_voiced = np.any([(t > a) & (t < b) for a, b in voiced_spans], axis=0)
+    est = f0.numpy()
+    both = clear & truly_voiced & (est > 0)
+    gross = np.abs(est[both] - f0_of_t(t[both])) > 0.2 * f0_of_t(t[both])
+    vde = np.mean((est[clear] > 0) != truly_voiced[clear])
+    return gross.mean(), vde, both.sum()
+
+
+def test_pitch_f0_synthetic_voices():
+    spans = [(0.05, 0.65), (0.85, 1.45), (1.65, 2.25), (2.45, 2.95)]
+    voices = {  # name: f0(t) in Hz
+        "low 70 -> 85 Hz": lambda t: 70 + 5 * t,
+        "male 120 Hz vibrato": lambda t: 120 * (1 + 0.05 * np.sin(2 * np.pi * 5.5 * t)),
+        "female 200 -> 300 Hz glissando": lambda t: 200 * 1.5 ** (t / 3),
+        "high 400 Hz vibrato": lambda t: 400 * (1 + 0.03 * np.sin(2 * np.pi * 6 * t)),
+        "fall 250 -> 90 Hz": lambda t: 250 * (90 / 250) ** (t / 3),
+    }
+    for seed, (name, track) in enumerate(voices.items()):
+        wave = _pitch_voice(track, 3.0, spans, seed)
+        f0 = f0_autocorr(wave)
+        gpe, vde, n = _pitch_scores(f0, track, spans, 3.0)
+        assert n > 150, f"{name}: only {n} frames voiced in both"
+        assert gpe <= 0.02, f"{name}: gross pitch error {gpe:.1%} > 2%"
+        assert vde <= 0.05, f"{name}: voicing decision error {vde:.1%} > 5%"
+
+
+def test_pitch_f0_silence_noise_and_clipping():
+    g = torch.Generator().manual_seed(0)
+    for name, wave in [("silence", torch.zeros(16000)), ("white noise", torch.randn(3, 16000, generator=g))]:
+        f0 = f0_autocorr(wave)
+        assert torch.equal(f0, torch.zeros_like(f0)), f"{name}: {int((f0 > 0).sum())} frames voiced, expected none"
+    spans = [(0.0, 1.0)]
+    track = lambda t: 150 + 0 * t
+    wave = _pitch_voice(track, 1.0, spans, seed=1, jitter=0.0)
+    clipped = (8 * wave / wave.abs().max()).clamp(-1, 1)  # hard clipping: a square-ish wave
+    f0 = f0_autocorr(clipped)
+    assert torch.isfinite(f0).all(), "clipped voice gave non-finite f0"
+    gpe, vde, n = _pitch_scores(f0, track, spans, 1.0)
+    assert gpe <= 0.02 and vde <= 0.05, f"clipped 150 Hz voice: GPE {gpe:.1%}, VDE {vde:.1%} over {n} frames"
+
+
+def test_pitch_f0_batch_equals_single_and_framing():
+    spans = [(0.1, 0.5), (0.6, 0.9)]
+    items = [_pitch_voice(lambda t, f=f: f * (1 + 0.1 * t), 1.0, spans, seed)[:T]
+             for seed, (f, T) in enumerate([(110, 16000), (230, 14401), (90, 9999)])]
+    batch = torch.zeros(len(items), 16000)
+    for i, item in enumerate(items):
+        batch[i, :len(item)] = item
+    f0_batch = f0_autocorr(batch)
+    assert f0_batch.shape == (3, 16000 // 160 + 1), f"batch f0 shape {tuple(f0_batch.shape)}"
+    for i, item in enumerate(items):
+        alone = f0_autocorr(item)
+        assert alone.shape == (len(item) // 160 + 1,), f"item {i}: {len(alone)} frames for {len(item)} samples"
+        assert (alone > 0).sum() > 20, f"item {i}: too few voiced frames for a meaningful check"
+        assert torch.allclose(f0_batch[i, :len(alone)], alone, rtol=1e-5, atol=0), \
+            f"item {i}: f0 in a zero-padded batch differs from f0 alone"
+    nested = f0_autocorr(batch[:2].reshape(2, 1, 16000).expand(2, 3, 16000))
+    assert nested.shape == (2, 3, 101) and torch.allclose(nested[:, 1], f0_batch[:2], rtol=1e-5), \
+        "leading dims are not handled as a batch"
+    for T in (801, 959, 960, 961, 4000):
+        assert f0_autocorr(torch.randn(T)).shape == (T // 160 + 1,), f"frame count for T={T}"
+        assert f0_autocorr(torch.randn(T), hop=100).shape == (T // 100 + 1,), f"frame count for T={T}, hop=100"
+
+
+def test_pitch_f0_integer_pcm_is_scale_free():
+    wave = _pitch_voice(lambda t: 180 + 0 * t, 0.5, [(0.05, 0.45)], seed=3)
+    pcm = (wave / wave.abs().max() * 16384).round().to(torch.int16)
+    f0_pcm, f0_float = f0_autocorr(pcm), f0_autocorr(pcm.float() / 2 ** 15)
+    assert f0_pcm.dtype == torch.float32, f"int16 input gave {f0_pcm.dtype}"
+    assert torch.equal(f0_pcm, f0_float), "int16 PCM and the same samples scaled to [-1, 1] disagree"
+
+
+def _pitch_hilbert_numpy(x):
+    """scipy.signal.hilbert's formulation: full complex FFT, weights 1 (DC, Nyquist), 2, 0."""
+    N = x.shape[-1]
+    h = np.zeros(N)
+    h[0] = 1
+    h[1:(N + 1) // 2] = 2
+    if N % 2 == 0:
+        h[N // 2] = 1
+    return np.fft.ifft(np.fft.fft(x, axis=-1) * h, axis=-1)
+
+
+def test_pitch_hilbert_matches_references():
+    rng = np.random.default_rng(0)
+    for N in (1000, 1001, 2, 3):
+        n = np.arange(N)
+        # closed form: the analytic signal of a*cos(2 pi k n / N + p) is a*exp(i(...)) for 0 < k < N/2;
+        # DC and (even N) the Nyquist cosine are their own analytic signal
+        ks = [k for k in (1, 7, 100, 333) if k < N / 2]
+        amps, phases = rng.uniform(0.2, 1, len(ks)), rng.uniform(0, 2 * np.pi, len(ks))
+        x = 0.3 + sum(a * np.cos(2 * np.pi * k * n / N + p) for a, k, p in zip(amps, ks, phases))
+        z = 0.3 + sum(a * np.exp(1j * (2 * np.pi * k * n / N + p)) for a, k, p in zip(amps, ks, phases))
+        if N % 2 == 0:
+            x, z = x + 0.5 * np.cos(np.pi * n), z + 0.5 * np.cos(np.pi * n)
+        got = hilbert(torch.tensor(x)).numpy()
+        assert np.abs(got - z).max() < 1e-5, f"N={N}: hilbert vs closed form, max err {np.abs(got - z).max():.2e}"
+        noise = rng.standard_normal((2, N))
+        got = hilbert(torch.tensor(noise, dtype=torch.float32)).numpy()
+        err = np.abs(got - _pitch_hilbert_numpy(noise)).max()
+        assert err < 1e-5, f"N={N}: float32 hilbert vs numpy full-FFT reference, max err {err:.2e}"
+
+
+def test_pitch_envelope_of_am_tone():
+    sr, T = 16000, 16000 + 77  # odd length: whole periods of neither tone nor modulation
+    t = torch.arange(T, dtype=torch.float64) / sr
+    modulation = 1 + 0.5 * torch.cos(2 * math.pi * 3 * t)
+    env = envelope(torch.stack([modulation, 2 * modulation]) * torch.cos(2 * math.pi * 1000 * t))
+    assert env.shape == (2, T // 160 + 1), f"envelope shape {tuple(env.shape)}"
+    centre = modulation[::160]
+    inner = slice(3, -3)  # the FFT's circular wrap disturbs the first and last few ms
+    err = (env[0, inner] - centre[inner]).abs().max()
+    assert err < 5e-3, f"envelope misses the 3 Hz modulation by {err:.2e}"
+    assert torch.allclose(env[1], 2 * env[0]), "envelope is not linear in the amplitude"
+    assert torch.equal(envelope(torch.zeros(1000)), torch.zeros(7)), "silence must give a zero envelope"
+
+
+def test_pitch_accumulate_phase():
+    f0 = torch.full((3, 200), 123.0, dtype=torch.float64)
+    phase = accumulate_phase(f0, 0.01, phi0=0.3)
+    linear = 0.3 + 2 * math.pi * 123.0 * 0.01 * torch.arange(1, 201, dtype=torch.float64)
+    gap = torch.remainder(phase - linear + math.pi, 2 * math.pi) - math.pi
+    assert gap.abs().max() < 1e-9, f"constant f0 is not a linear phase mod 2 pi (off by {gap.abs().max():.1e})"
+    assert (phase >= 0).all() and (phase < 2 * math.pi).all(), "phase outside [0, 2 pi)"
+    g = torch.Generator().manual_seed(0)
+    f0 = (80 + 300 * torch.rand(2, 300, generator=g)) * (torch.rand(2, 300, generator=g) > 0.3)
+    got = accumulate_phase(f0, 0.01, phi0=1.0)
+    assert got.dtype == torch.float32 and got.shape == f0.shape, f"got {got.dtype} {tuple(got.shape)}"
+    for b in range(2):
+        phi = 1.0
+        for t in range(300):
+            phi = math.fmod(phi + 2 * math.pi * float(f0[b, t]) * 0.01, 2 * math.pi)
+            diff = abs(float(got[b, t]) - phi)
+            assert min(diff, 2 * math.pi - diff) < 1e-4, f"item {b} frame {t}: {float(got[b, t])} vs loop {phi}"
+
+
+def test_pitch_pool_f0():
+    got = pool_f0(torch.tensor([100.0, 200.0, 0.0, 0.0, 150.0]))
+    assert torch.equal(got, torch.tensor([150.0, 0.0, 150.0])), f"pairs of [100,200,0,0,150] -> {got.tolist()}"
+    got = pool_f0(torch.tensor([[0.0, 120.0, 130.0, 0.0, 0.0, 0.0, 90.0]] * 2), factor=3)
+    assert torch.equal(got, torch.tensor([[125.0, 0.0, 90.0]] * 2)), f"groups of three -> {got.tolist()}"
+    assert pool_f0(torch.zeros(2, 5, 101)).shape == (2, 5, 51), "pooled length must be ceil(T / 2)"
+
+
+def _pitch_raises(fn, error, words):
+    try:
+        fn()
+    except error as e:
+        assert all(w in str(e) for w in words), f"{error.__name__} message {str(e)!r} does not mention {words}"
+        return
+    raise AssertionError(f"expected {error.__name__} mentioning {words}")
+
+
+def test_pitch_bad_input_errors():
+    ok = torch.randn(4000)
+    _pitch_raises(lambda: f0_autocorr(ok.numpy()), TypeError, ["torch.Tensor"])
+    _pitch_raises(lambda: f0_autocorr(ok > 0), TypeError, ["real samples", "bool"])
+    _pitch_raises(lambda: f0_autocorr(ok.to(torch.complex64)), TypeError, ["real samples"])
+    _pitch_raises(lambda: f0_autocorr(torch.zeros(0)), ValueError, ["empty"])
+    _pitch_raises(lambda: f0_autocorr(torch.zeros(4, 0)), ValueError, ["empty"])
+    _pitch_raises(lambda: f0_autocorr(torch.zeros(500)), ValueError, ["500 samples", "analysis window"])
+    for bad in (math.nan, math.inf):
+        _pitch_raises(lambda: f0_autocorr(torch.cat([ok, torch.tensor([bad])])), ValueError, ["NaN or inf"])
+        _pitch_raises(lambda: hilbert(torch.tensor([0.0, bad])), ValueError, ["NaN or inf"])
+    _pitch_raises(lambda: f0_autocorr(ok, fmin=300.0, fmax=200.0), ValueError, ["fmin", "fmax"])
+    _pitch_raises(lambda: f0_autocorr(ok, fmin=0.0), ValueError, ["fmin"])
+    _pitch_raises(lambda: f0_autocorr(ok, fmax=9000.0), ValueError, ["Nyquist"])
+    for hop in (0, -160, 160.0, True):
+        _pitch_raises(lambda: f0_autocorr(ok, hop=hop), ValueError, ["hop"])
+    _pitch_raises(lambda: envelope(ok, hop=0), ValueError, ["hop"])
+    _pitch_raises(lambda: pool_f0(ok, factor=0), ValueError, ["factor"])
+
+
+# ----------------------------------------------------------------------------------------------------
 # rope.py
 
-from rope import (BANDS, apply_rotary, mel_freqs, rope_angles, rope_radius, rotary_freqs, rotation,
-                  std_freqs)
 
 
 def _rope_rotate_pairs(x):
@@ -216,9 +445,6 @@ def test_rope_bad_input_errors():
 # ----------------------------------------------------------------------------------------------------
 # model.py
 
-import torch.nn.functional as F
-
-from model import ASRModel, ModelConfig
 
 _MODEL_PITCH_SWITCHES = dict(rope="mel", radii=True, theta_mod="accumulate", pitch_bias=True)
 
@@ -275,7 +501,6 @@ def test_model_sdpa_attention_matches_manual_softmax():
     bias = torch.rand(B, 1, T, T, generator=g)
     pad = torch.zeros(B, 1, 1, T)
     pad[1, ..., 9:] = float("-inf")
-    from rope import rotation
     y = attn(x, rot=rotation(angles), mask=pad, pitch_bias=bias)[0]
     ref = _model_manual_attention(attn, x, angles[:, None], attn.bias_gain.view(1, -1, 1, 1) * bias + pad)
     assert torch.allclose(y.double(), ref, atol=1e-5), (y.double() - ref).abs().max()
@@ -403,6 +628,52 @@ def test_model_default_config_and_learnable_theta():
     assert m.log_theta.grad is not None and m.log_theta.grad.abs() > 0
 
 
+def test_model_tiny_model_memorises_synthetic_utterances_through_generate():
+    corpus = data.synth_corpus(4, seed=7)
+    tok = data.Tokenizer.build(corpus.texts)
+    batch = data.make_batch(corpus, [0, 1, 2, 3], tok)
+    torch.manual_seed(0)
+    m = ASRModel(ModelConfig(d_model=64, n_heads=4, n_enc_layers=2, n_dec_layers=2, vocab_size=tok.vocab_size,
+                             max_text_len=64, dropout=0.0))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    tokens = batch["tokens"]
+    targets = [tok.encode(t) for t in corpus.texts]
+    for step in range(1, 401):
+        logits = m(batch["mel"], batch["f0"], tokens[:, :-1], batch["mel_lengths"])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=tok.pad_id)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            m.eval()
+            hyps = m.generate(batch["mel"], batch["f0"], batch["mel_lengths"], max_len=40)
+            m.train()
+            if hyps == targets:
+                break
+    assert hyps == targets, f"after {step} steps generate() gave {[tok.decode(h) for h in hyps]}, not {corpus.texts}"
+
+
+def test_model_ctc_loss_strips_bos_eos_and_padding():
+    m = _model_tiny(ctc=True)
+    mel, f0, _ = _model_inputs(B=3, T=41)
+    chars = [[5, 6, 7, 7, 8], [9], [10, 11, 12]]
+    tokens = torch.zeros(3, 8, dtype=torch.long)
+    for b, c in enumerate(chars):
+        tokens[b, :len(c) + 2] = torch.tensor([1, *c, 2])
+    lengths = torch.tensor([41, 30, 17])
+    batch = dict(mel=mel, f0=f0, tokens=tokens, mel_lengths=lengths)
+    enc, mask = m.encode(mel, f0, lengths)
+    ce = F.cross_entropy(m.decode(tokens[:, :-1], enc, mask).flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+    log_probs = m.ctc_log_probs(enc)
+    assert log_probs.shape == (21, 3, 24) and torch.allclose(log_probs.exp().sum(-1), torch.ones(21, 3))
+    # CTC with the targets written out as one concatenated sequence (the other layout F.ctc_loss accepts)
+    ctc = F.ctc_loss(log_probs, torch.tensor(sum(chars, [])), torch.tensor([21, 15, 9]),
+                     torch.tensor([len(c) for c in chars]), blank=0)
+    got = train.loss_fn(m, batch, pad_id=0, ctc_weight=0.25)
+    assert torch.allclose(got, 0.75 * ce + 0.25 * ctc, atol=1e-5), (got, 0.75 * ce + 0.25 * ctc)
+    assert torch.allclose(train.loss_fn(m, batch, pad_id=0), ce, atol=1e-6)
+
+
 def test_model_bad_input_errors():
     m = _model_tiny()
     mel, f0, tokens = _model_inputs()
@@ -423,9 +694,380 @@ def test_model_bad_input_errors():
 
 
 # ----------------------------------------------------------------------------------------------------
-# eval.py
+# data.py: FLEURS download and preparation (over a real local HTTP server), log-mel, resampling,
+# synthetic speech, tokenizer, batches
 
-from eval import cer, edit_distance, normalize, wer
+
+def _data_wav(x, sr=16000, subtype="PCM_16"):
+    """Bytes of a WAV file holding x ((T,) or (T, channels))."""
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def _data_targz(path, members):
+    """Write a tar.gz of members: name -> bytes (a file), or name -> (TarInfo type,) (a link or a device)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, tuple):
+                info.type, info.linkname = content[0], "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+
+
+def _data_tree(root, rows, members, lang="en_us", split="train"):
+    """A FLEURS-layout tree: root/data/{lang}/{split}.tsv (rows: lists of columns) + audio/{split}.tar.gz."""
+    folder = os.path.join(root, "data", lang)
+    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
+    with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+        f.writelines("\t".join(map(str, r)) + "\n" for r in rows)
+    _data_targz(os.path.join(folder, "audio", f"{split}.tar.gz"), members)
+    return root
+
+
+def _data_row(i, name, text, n, gender="FEMALE"):
+    spelling = " ".join("|" if c == " " else c for c in text) + " |"
+    return [i, name, text.capitalize() + ".", text, spelling, n, gender]
+
+
+def _data_good_tree(root, n=4, seconds=0.5):
+    """n noise WAVs (incompressible, so the archive is big enough to cut half-way) with their rows."""
+    rng = np.random.default_rng(0)
+    waves = [(0.3 * rng.standard_normal(int(seconds * 16000))).clip(-1, 1) for _ in range(n)]
+    members = {f"train/utt{i}.wav": _data_wav(w) for i, w in enumerate(waves)}
+    rows = [_data_row(i, f"utt{i}.wav", f"word number {i}", len(w)) for i, w in enumerate(waves)]
+    return _data_tree(root, rows, members), waves
+
+
+@contextlib.contextmanager
+def _data_server(directory):
+    """A threaded HTTP server on 127.0.0.1 (free port) serving `directory`, with Range support and hooks:
+    paths in state['cut'] are cut half-way once, state['ignore_range'] answers Range requests with the
+    whole file (status 200); state['log'] lists (path, Range header), state['sent'] counts body bytes."""
+    state = dict(log=[], sent=Counter(), cut=set(), ignore_range=False)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            state["log"].append((self.path, self.headers.get("Range")))
+            path = os.path.join(directory, self.path.lstrip("/"))
+            if not os.path.isfile(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as f:
+                content = f.read()
+            asked = self.headers.get("Range")
+            start = 0 if asked is None or state["ignore_range"] else int(asked.split("=")[1].split("-")[0])
+            body = content[start:]
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path in state["cut"]:  # promise the whole body, send half, hang up
+                state["cut"].discard(self.path)
+                body = body[:len(body) // 2]
+            self.wfile.write(body)
+            state["sent"][self.path] += len(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
+    try:
+        yield state, f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _data_raises(fn, *words):
+    """Run fn, expect a data.DataError whose message contains every word; return the message."""
+    try:
+        fn()
+    except data.DataError as e:
+        missing = [w for w in words if w not in str(e)]
+        assert not missing, f"error message lacks {missing}: {e}"
+        return str(e)
+    raise AssertionError(f"expected a DataError mentioning {words}")
+
+
+_DATA_ARCHIVE = "/data/en_us/audio/train.tar.gz"
+
+
+def test_data_download_resumes_a_cut_transfer_and_skips_done_work():
+    with tempfile.TemporaryDirectory() as tmp:
+        src, waves = _data_good_tree(os.path.join(tmp, "server"))
+        size = os.path.getsize(src + _DATA_ARCHIVE)
+        with _data_server(src) as (state, url):
+            state["cut"].add(_DATA_ARCHIVE)
+            folder = data.download_fleurs("en_us", os.path.join(tmp, "data"), ("train",), url, backoff=0.01)
+            asked = [r for p, r in state["log"] if p == _DATA_ARCHIVE]
+            assert asked == [None, f"bytes={size // 2}-"], f"expected a GET, then a resume from {size // 2}: {asked}"
+            sent = state["sent"][_DATA_ARCHIVE]
+            assert sent == size, f"{sent} bytes sent for a {size}-byte archive: restarted instead of resumed?"
+            for i, w in enumerate(waves):
+                x, sr = sf.read(os.path.join(folder, "audio", "train", f"utt{i}.wav"))
+                assert sr == 16000 and np.abs(x - w).max() < 1 / 32767, f"utt{i}.wav differs from what was served"
+            assert not os.path.exists(os.path.join(folder, "audio", "train.tar.gz")), "archive kept after extraction"
+            n = len(state["log"])
+            assert data.download_fleurs("en_us", os.path.join(tmp, "data"), ("train",), url) == folder
+            assert len(state["log"]) == n, f"a second call made requests: {state['log'][n:]}"
+
+
+def test_data_download_resumes_across_runs_and_restarts_if_range_is_ignored():
+    with tempfile.TemporaryDirectory() as tmp:
+        src, _ = _data_good_tree(os.path.join(tmp, "server"))
+        size = os.path.getsize(src + _DATA_ARCHIVE)
+        root = os.path.join(tmp, "data")
+        with _data_server(src) as (state, url):
+            state["cut"].add(_DATA_ARCHIVE)  # a run that dies half-way (no retries left) ...
+            _data_raises(lambda: data.download_fleurs("en_us", root, ("train",), url, retries=0), "train.tar.gz")
+            part = os.path.join(root, "en_us", "audio", "train.tar.gz.part")
+            assert os.path.getsize(part) == size // 2, "the partial download was not kept"
+            state["ignore_range"] = True  # ... and a server that then ignores Range: start over, cleanly
+            data.download_fleurs("en_us", root, ("train",), url, retries=0)
+            assert state["log"][-1] == (_DATA_ARCHIVE, f"bytes={size // 2}-"), f"no resume asked: {state['log'][-1]}"
+            assert len(os.listdir(os.path.join(root, "en_us", "audio", "train"))) == 4 + 1, "WAVs + marker expected"
+
+
+def test_data_corrupt_archive_is_reported_and_not_trusted():
+    with tempfile.TemporaryDirectory() as tmp:
+        src, _ = _data_good_tree(os.path.join(tmp, "server"))
+        with open(src + _DATA_ARCHIVE, "rb") as f:
+            good = f.read()
+        bad = bytearray(good)
+        bad[len(bad) // 2:len(bad) // 2 + 64] = bytes(64)
+        with open(src + _DATA_ARCHIVE, "wb") as f:
+            f.write(bad)
+        root = os.path.join(tmp, "data")
+        with _data_server(src) as (state, url):
+            _data_raises(lambda: data.download_fleurs("en_us", root, ("train",), url), "train.tar.gz", "corrupt")
+            audio = os.path.join(root, "en_us", "audio")
+            assert sorted(os.listdir(audio)) == [], f"something of the corrupt archive was left: {os.listdir(audio)}"
+            with open(src + _DATA_ARCHIVE, "wb") as f:  # the mirror is fixed: the next run fetches the archive again
+                f.write(good)
+            c = data.load_split("fleurs", "train", root, base_url=url)
+            assert [p for p, _ in state["log"]].count(_DATA_ARCHIVE) == 2 and len(c) == 4, "not downloaded afresh"
+
+
+def test_data_unsafe_tar_members_are_refused():
+    for member in ("../evil.wav", "/tmp/evil.wav", "train/../../evil.wav", tarfile.SYMTYPE, tarfile.CHRTYPE):
+        with tempfile.TemporaryDirectory() as tmp:
+            name = member if isinstance(member, str) else "train/link.wav"
+            bad = b"RIFF" if isinstance(member, str) else (member,)
+            members = {"train/ok.wav": _data_wav(np.zeros(1600)), name: bad}
+            src = _data_tree(os.path.join(tmp, "server"), [_data_row(0, "ok.wav", "ok", 1600)], members)
+            root = os.path.join(tmp, "deep", "data")
+            with _data_server(src) as (state, url):
+                _data_raises(lambda: data.download_fleurs("en_us", root, ("train",), url), "refusing", repr(name))
+            written = [os.path.join(d, f) for d, _, fs in os.walk(tmp) for f in fs if f == "evil.wav"]
+            assert not written, f"{name!r}: wrote {written}"
+            assert not os.path.exists(os.path.join(root, "en_us", "audio", "train")), f"{name!r}: split trusted"
+
+
+def test_data_bad_rows_and_audio_are_counted_not_fatal():
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(1)
+        good = [(0.2 * rng.standard_normal(n)).clip(-1, 1) for n in (8000, 12000, 30000)]
+        t = np.arange(22050) / 44100
+        stereo = np.stack([0.6 * np.sin(2 * np.pi * 300 * t), 0.2 * np.sin(2 * np.pi * 300 * t)], 1)
+        nan = np.full(4000, np.nan)
+        members = {**{f"train/g{i}.wav": _data_wav(w) for i, w in enumerate(good)},
+                   "train/stereo.wav": _data_wav(stereo, 44100), "train/empty.wav": _data_wav(np.zeros(0)),
+                   "train/nan.wav": _data_wav(nan, subtype="FLOAT"), "train/junk.wav": b"not a wav at all",
+                   "train/tiny.wav": _data_wav(np.zeros(800))}
+        rows = [_data_row(i, f"g{i}.wav", f"good {i}", len(w)) for i, w in enumerate(good)]
+        rows += [_data_row(3, "stereo.wav", "two channels", 8000), ["4", "short.wav", "too few columns"],
+                 _data_row(5, "gone.wav", "no audio", 100), _data_row(6, "empty.wav", "empty", 0),
+                 _data_row(7, "nan.wav", "nan", 4000), _data_row(8, "junk.wav", "junk", 10),
+                 _data_row(9, "tiny.wav", "tiny", 800)]
+        src = _data_tree(os.path.join(tmp, "server"), rows, members)
+        root = os.path.join(tmp, "data")
+        with _data_server(src) as (state, url):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                c = data.load_split("fleurs", "train", root, base_url=url, max_seconds=1.5)
+            want = {"malformed row": 1, "missing audio": 1, "empty audio": 1, "NaN samples": 1,
+                    "unreadable audio": 1, "longer than 1.5 s": 1, "shorter than 0.1 s": 1}
+            assert dict(c.dropped) == want, f"dropped {dict(c.dropped)}, expected {want}"
+            for line, reason in ((5, "malformed"), (6, "missing"), (7, "empty"), (8, "NaN"), (9, "unreadable")):
+                assert f"train.tsv line {line}" in out.getvalue() and reason in out.getvalue(), out.getvalue()
+            assert c.texts == ["good 0", "good 1", "two channels"], c.texts
+            assert np.abs(c.wave(1).numpy() - good[1]).max() <= 1 / 32768, "cached audio differs from the WAV"
+            assert c.lengths[2] == 8000 and c.wave(2).dim() == 1, "stereo 44.1 kHz should become 8000 mono samples"
+            n = len(state["log"])
+            with contextlib.redirect_stdout(io.StringIO()):
+                again = data.load_split("fleurs", "train", root, base_url=url)  # from the cache, no network
+            assert len(state["log"]) == n and len(again) == 4, "a second load should read the cache only"
+            tsv = os.path.join(root, "en_us", "train.tsv")
+            with open(tsv, "a") as f:  # the source changed: the cache is rebuilt
+                f.write("\t".join(map(str, _data_row(9, "g0.wav", "good again", 8000))) + "\n")
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert len(data.load_split("fleurs", "train", root, base_url=url)) == 5, "stale cache was used"
+
+
+def test_data_download_errors_are_clear():
+    with tempfile.TemporaryDirectory() as tmp:
+        src, _ = _data_good_tree(os.path.join(tmp, "server"))
+        with _data_server(src) as (state, url):
+            os.environ["FLEURS_BASE_URL"] = url  # the mirror comes from the environment here
+            try:
+                msg = _data_raises(lambda: data.download_fleurs("xx_yy", os.path.join(tmp, "data")), "'xx_yy'",
+                                   "language code", "404")
+                assert url in msg, f"the env var's base URL was not used: {msg}"
+            finally:
+                del os.environ["FLEURS_BASE_URL"]
+        with socket.socket() as s:  # a port with nobody listening
+            s.bind(("127.0.0.1", 0))
+            closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+        offline = lambda: data.download_fleurs("en_us", os.path.join(tmp, "data"), ("train",), closed, retries=1,
+                                               backoff=0.01)
+        _data_raises(offline, "could not download", "--data synth", "FLEURS_BASE_URL")
+        blocker = os.path.join(tmp, "a_file")
+        open(blocker, "w").close()
+        bad_root = os.path.join(blocker, "data")  # under a plain file: unwritable even for root
+        _data_raises(lambda: data.download_fleurs("en_us", bad_root, ("train",), closed), repr(bad_root), "--root")
+
+
+def _data_numpy_log_mel(x):
+    """Independent float64 log-mel: frames by slicing, periodic Hann, rfft, Slaney triangles by np.interp."""
+    n_fft, hop, sr = 400, 160, 16000
+    xp = np.pad(x, n_fft // 2, mode="reflect")
+    frames = np.stack([xp[k * hop:k * hop + n_fft] for k in range(len(x) // hop + 1)])
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    power = np.abs(np.fft.rfft(frames * hann, axis=1)) ** 2
+    to_mel = lambda f: f / (200 / 3) if f < 1000 else 15 + np.log(f / 1000) / (np.log(6.4) / 27)
+    to_hz = lambda m: m * 200 / 3 if m < 15 else 1000 * np.exp((m - 15) * np.log(6.4) / 27)
+    pts = [to_hz(m) for m in np.linspace(to_mel(0.0), to_mel(sr / 2), 82)]
+    bins = np.arange(n_fft // 2 + 1) * sr / n_fft
+    fb = np.stack([np.interp(bins, pts[i:i + 3], [0, 1, 0]) * 2 / (pts[i + 2] - pts[i]) for i in range(80)])
+    L = np.log10(np.maximum(fb @ power.T, 1e-10))
+    return (np.maximum(L, L.max() - 8) + 4) / 4
+
+
+def test_data_log_mel_matches_numpy_reference():
+    rng = np.random.default_rng(2)
+    T = 16000 + 37
+    t = np.arange(T) / 16000
+    a = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(T)
+    b = 0.01 * rng.standard_normal(T) * (t > 0.4)  # quiet, with a silent start: exercises the floor
+    got = data.log_mel(torch.tensor(np.stack([a, b]), dtype=torch.float32))
+    assert got.shape == (2, 80, T // 160 + 1), got.shape
+    for x, g in zip((a, b), got):
+        err = np.abs(g.double().numpy() - _data_numpy_log_mel(x)).max()
+        assert err < 1e-4, f"log_mel differs from the numpy reference by {err:.2e}"
+    assert data.log_mel(torch.zeros(3, 1, 1000)).shape == (3, 1, 80, 7), "leading dims should be kept"
+    fb = data.mel_filters().double()  # entries of Whisper's own mel_80 filterbank (its assets/mel_filters.npz)
+    assert abs(fb[0, 1] - 0.0248625949) < 1e-8 and int((fb[0] > 0).sum()) == 1, fb[0, :3]
+    assert torch.allclose(fb[40, 42:45], torch.tensor([0.0054111048, 0.0147355665, 0.0065181898], dtype=fb.dtype),
+                          atol=1e-8) and int((fb[40] > 0).sum()) == 3, fb[40, 40:46]
+
+
+def test_data_resample_keeps_tone_and_stereo_becomes_mono():
+    n = np.arange(44100)
+    y = data.resample(torch.tensor(0.5 * np.sin(2 * np.pi * 1000 * n / 44100), dtype=torch.float32), 44100, 16000)
+    assert y.shape == (16000,), y.shape
+    k = np.arange(16000)
+    ideal = 0.5 * np.sin(2 * np.pi * 1000 * k / 16000)
+    err = np.abs(y.numpy() - ideal)[500:-500].max()  # away from the edges, where the filter sees zeros
+    assert err < 2e-3, f"44.1 kHz -> 16 kHz tone off the ideal by {err:.1e}"
+    assert np.abs(np.fft.rfft(y.numpy())).argmax() == 1000, "the tone's frequency moved"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "stereo.wav")
+        tone = np.sin(2 * np.pi * 440 * n / 44100)
+        sf.write(path, np.stack([0.6 * tone, 0.2 * tone], 1), 44100, subtype="FLOAT")
+        x = data.load_audio(path)
+        assert x.shape == (16000,) and x.dtype == np.float32, (x.shape, x.dtype)
+        mono = 0.4 * np.sin(2 * np.pi * 440 * k / 16000)
+        assert np.abs(x - mono)[500:-500].max() < 2e-3, "stereo should average to mono (then resample)"
+
+
+def test_data_synth_f0_is_recovered_by_pitch_tracker():
+    c = data.synth_corpus(20, seed=123)
+    both = gross = truth_voiced = 0
+    for i in range(len(c)):
+        est, ref = pitch.f0_autocorr(c.wave(i)), c.f0[i]
+        assert ref.shape == est.shape == (c.lengths[i] // 160 + 1,), (ref.shape, est.shape)
+        v = (est > 0) & (ref > 0)
+        both, truth_voiced = both + int(v.sum()), truth_voiced + int((ref > 0).sum())
+        gross += int(((est[v] - ref[v]).abs() > 0.2 * ref[v]).sum())
+        assert 60 < ref[ref > 0].min() and ref.max() < 400, "f0 outside the speaker range"
+    assert both > 0.8 * truth_voiced, f"only {both} of {truth_voiced} voiced frames found voiced"
+    assert gross <= 0.05 * both, f"gross f0 errors on {gross / both:.1%} of {both} frames voiced in both"
+
+
+def test_data_synth_is_deterministic_and_splits_are_disjoint():
+    a, b, other = data.synth_corpus(6, 7), data.synth_corpus(6, 7), data.synth_corpus(6, 8)
+    assert a.texts == b.texts and np.array_equal(a.audio, b.audio), "same seed, different corpus"
+    assert all(torch.equal(x, y) for x, y in zip(a.f0, b.f0)), "same seed, different f0 tracks"
+    assert not np.array_equal(a.audio[:8000], other.audio[:8000]), "different seeds gave the same audio"
+    assert all(2 <= len(t.split()) <= 4 and set(t.split()) <= set(data.SYNTH_WORDS) for t in a.texts), a.texts
+    assert all(0.5 < n / 16000 < 3 for n in a.lengths) and np.abs(a.audio).max() <= 1, "durations or levels off"
+    splits = {s: data.load_split("synth", s, n=30) for s in ("train", "dev", "test")}
+    assert len(set(data.SYNTH_SEEDS.values())) == 3, "splits must have their own seeds"
+    firsts = {s: [c.wave(i)[:4000].numpy().tobytes() for i in range(len(c))] for s, c in splits.items()}
+    for s in firsts:
+        for r in firsts:
+            assert s == r or not set(firsts[s]) & set(firsts[r]), f"{s} and {r} share an utterance"
+
+
+def test_data_tokenizer_round_trip_and_unknowns():
+    tok = data.Tokenizer.build(["hello world", "abc"])
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == 4 + len(set("hello worldabc")), tok.vocab_size
+    assert tok.decode(tok.encode("a cold bell")) == "a cold bell" and tok.unk_count == 0
+    ids = tok.encode("héllo!")
+    assert ids.count(tok.unk_id) == 2 and tok.unk_count == 2, f"unknowns not mapped/counted: {ids}"
+    assert tok.decode(ids) == "hllo", "decode should skip specials"
+    assert tok.decode([tok.bos_id, *tok.encode("ab"), tok.eos_id, *tok.encode("c")]) == "ab", "stop at EOS"
+    again = data.Tokenizer.from_state_dict(tok.state_dict())
+    assert again.encode("cab old") == tok.encode("cab old") and again.vocab_size == tok.vocab_size
+
+
+def test_data_batch_indices_cover_everything_once_deterministically():
+    lengths = np.random.default_rng(3).integers(1000, 50000, 1003)
+    for shuffle in (True, False):
+        batches = data.batch_indices(lengths, 16, shuffle=shuffle, seed=5)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(1003)), "every index exactly once"
+        assert all(1 <= len(b) <= 16 for b in batches)
+        assert batches == data.batch_indices(lengths, 16, shuffle=shuffle, seed=5), "not deterministic"
+    assert data.batch_indices(lengths, 16, seed=5) != data.batch_indices(lengths, 16, seed=6), "seed ignored"
+    pad = lambda bs: sum(lengths[b].max() * len(b) - lengths[b].sum() for b in bs)
+    random_batches = np.array_split(np.random.default_rng(0).permutation(1003), 63)
+    assert pad(data.batch_indices(lengths, 16, seed=5)) < 0.2 * pad(random_batches), "batches not length-bucketed"
+
+
+def test_data_make_batch_pads_and_measures_correctly():
+    c = data.synth_corpus(4, seed=11)
+    tok = data.Tokenizer.build(c.texts)
+    idx = [2, 0, 3]
+    b = data.make_batch(c, idx, tok, envelope=True)
+    Tm = int(c.lengths[idx].max()) // 160 + 1
+    assert b["mel"].shape == (3, 80, Tm) and b["f0"].shape == b["env"].shape == (3, Tm), b["mel"].shape
+    assert b["mel_lengths"].tolist() == [int(c.lengths[i]) // 160 + 1 for i in idx], b["mel_lengths"]
+    assert b["texts"] == [c.texts[i] for i in idx], b["texts"]
+    for row, i in zip(b["tokens"].tolist(), idx):
+        want = [1, *tok.encode(c.texts[i]), 2]
+        assert row == want + [0] * (len(row) - len(want)), f"tokens {row} for {c.texts[i]!r}"
+    for k, i in enumerate(idx):  # padding must not leak into an item's own frames
+        n, alone = int(b["mel_lengths"][k]), c.wave(i)
+        err = (b["mel"][k, :, :n - 2] - data.log_mel(alone)[:, :n - 2]).abs().max()  # last frames see padding
+        assert err < 1e-5, f"item {i}: batched log-mel differs from the item alone by {err:.1e}"
+        assert torch.allclose(b["f0"][k, :n], pitch.f0_autocorr(alone), atol=1e-3), f"item {i}: f0 changed by padding"
+    g = lambda: torch.Generator().manual_seed(0)
+    x, y = (data.make_batch(c, idx, tok, specaugment=True, generator=g())["mel"] for _ in range(2))
+    assert torch.equal(x, y), "SpecAugment should be reproducible from the generator"
+    masked = (x == 0) & (b["mel"] != 0)
+    assert masked.any() and torch.equal(x[~masked], b["mel"][~masked]), "SpecAugment should only zero some cells"
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval.py
 
 
 def test_eval_wer_cer_hand_computed():
@@ -452,7 +1094,6 @@ def test_eval_wer_cer_hand_computed():
 
 def _eval_levenshtein_recursive(a, b):
     """Edit distance by the textbook recursion with memoisation: an independent formulation."""
-    from functools import lru_cache
 
     @lru_cache(maxsize=None)
     def d(i, j):
@@ -481,11 +1122,6 @@ def test_eval_normalize():
 # ----------------------------------------------------------------------------------------------------
 # train.py (end to end on synthetic speech, tiny settings)
 
-import contextlib
-import io
-import json
-import os
-import tempfile
 
 _TRAIN_TINY = ["--data", "synth", "--synth_train", "24", "--synth_dev", "6", "--synth_test", "6",
                "--d_model", "32", "--n_heads", "2", "--n_enc_layers", "1", "--n_dec_layers", "1",
@@ -495,7 +1131,6 @@ _TRAIN_TINY = ["--data", "synth", "--synth_train", "24", "--synth_dev", "6", "--
 
 def _train_run(argv):
     """Run train.main in-process -> (exit message or None, captured stdout+stderr)."""
-    import train
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         try:
@@ -511,7 +1146,6 @@ def _train_losses(run_dir):
 
 
 def test_train_resume_equals_uninterrupted_and_eval_runs():
-    import train
     with tempfile.TemporaryDirectory() as tmp:
         a, b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
         common = _TRAIN_TINY + ["--steps", "8", "--eval_interval", "4", "--rope", "mel", "--radii",
@@ -536,7 +1170,6 @@ def test_train_resume_equals_uninterrupted_and_eval_runs():
             assert abs(la[step] - lb[step]) < 1e-4, f"step {step}: {la[step]} uninterrupted vs {lb[step]} resumed"
         config = json.load(open(os.path.join(b, "config.json")))
         assert config["resumed"][0]["step"] == 6 and "--resume" in config["resumed"][0]["command"]
-        import eval as evaluation
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             evaluation.main(["--ckpt", os.path.join(b, "best.pt"), "--split", "test", "--device", "cpu"])
@@ -572,7 +1205,6 @@ def test_train_bad_input_gives_one_line_errors_and_overwrites_nothing():
             assert "Traceback" not in text and len([l for l in text.splitlines() if "error" in l]) == 1, text
         with open(os.path.join(tmp, "corrupt.pt"), "wb") as f:
             f.write(before[:len(before) // 3])
-        import eval as evaluation
         for path, words in [(os.path.join(tmp, "corrupt.pt"), "not a readable checkpoint"),
                             (os.path.join(tmp, "missing.pt"), "no checkpoint")]:
             try:
