@@ -108,14 +108,14 @@ def evaluate(model, corpus, tokenizer, indices=None, batch_size=32, device="cpu"
                 audio_seconds=float(sum(corpus.lengths[i] for i in indices)) / 16000)
 
 
-def _fmt(values, pct=True):
-    """'12.3' for one value, '12.3 +- 0.4' (mean +- sample std) for several; as percentages."""
+def _fmt(values, pct=True, digits=1):
+    """'12.3' for one value, '12.3 +- 0.4' (mean +- sample std) for several; as percentages if pct."""
     values = [100 * v if pct else v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
 def read_run(run_dir):
@@ -124,14 +124,14 @@ def read_run(run_dir):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {run_dir} is not a run directory (no config.json)")
     with open(path) as f:
-        run = dict(config=json.load(f)["train"], dev_wer=None, dev_cer=None, evals={})
+        run = dict(config=json.load(f)["train"], dev_loss=None, dev_wer=None, dev_cer=None, evals={})
     log = os.path.join(run_dir, "log.jsonl")
     if os.path.isfile(log):
         with open(log) as f:
             evals = [r for r in map(json.loads, f) if "wer" in r]
         if evals:
             best = min(evals, key=lambda r: r["wer"])
-            run["dev_wer"], run["dev_cer"] = best["wer"], best["cer"]
+            run["dev_loss"], run["dev_wer"], run["dev_cer"] = best["dev_loss"], best["wer"], best["cer"]
     for name in sorted(os.listdir(run_dir)):
         if name.startswith("eval_") and name.endswith(".json"):
             with open(os.path.join(run_dir, name)) as f:
@@ -150,10 +150,12 @@ def compare(run_dirs):
         key = tuple(str(run["config"].get(k)) for k in COMPARE_KEYS)
         groups.setdefault(key, []).append(run)
     eval_names = sorted({name for runs in groups.values() for r in runs for name in r["evals"]})
-    head = COMPARE_KEYS + ["seeds", "dev WER %", "dev CER %"] + [f"{n} {m} %" for n in eval_names for m in ("WER", "CER")]
+    head = (COMPARE_KEYS + ["seeds", "dev loss", "dev WER %", "dev CER %"]
+            + [f"{n} {m} %" for n in eval_names for m in ("WER", "CER")])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, runs in groups.items():
-        cells = list(key) + [str(len(runs)), _fmt([r["dev_wer"] for r in runs]), _fmt([r["dev_cer"] for r in runs])]
+        cells = list(key) + [str(len(runs)), _fmt([r["dev_loss"] for r in runs], pct=False, digits=3),
+                             _fmt([r["dev_wer"] for r in runs]), _fmt([r["dev_cer"] for r in runs])]
         for n in eval_names:
             cells += [_fmt([r["evals"].get(n, {}).get(m) for r in runs]) for m in ("wer", "cer")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1182,6 +1182,29 @@ def test_train_resume_equals_uninterrupted_and_eval_runs():
         assert "mel" in table and "+-" in table
 
 
+def test_train_skips_non_finite_losses_then_gives_up():
+    real_loss_fn = train.loss_fn
+    calls = []
+
+    def flaky(*args, **kwargs):  # NaN on the second step only, then (second run) on every step
+        calls.append(1)
+        loss = real_loss_fn(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 or len(calls) > 100 else loss
+    train.loss_fn = flaky
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            err, out = _train_run(_TRAIN_TINY + ["--steps", "4", "--eval_interval", "4", "--out_dir", f"{tmp}/a"])
+            assert err is None and "step 1: loss is nan, step skipped" in out, out
+            losses = _train_losses(f"{tmp}/a")
+            assert math.isnan(losses[2]) and all(math.isfinite(losses[k]) for k in (1, 3, 4)), losses
+            calls.extend([1] * 100)
+            err, out = _train_run(_TRAIN_TINY + ["--steps", "20", "--eval_interval", "20", "--out_dir", f"{tmp}/b"])
+            assert err and "5 non-finite losses in a row" in err, (err, out)
+            assert torch.load(f"{tmp}/b/last.pt", weights_only=False)["step"] == 4
+    finally:
+        train.loss_fn = real_loss_fn
+
+
 def test_train_bad_input_gives_one_line_errors_and_overwrites_nothing():
     with tempfile.TemporaryDirectory() as tmp:
         run = os.path.join(tmp, "run")

@@ -1,7 +1,7 @@
 """Train the pitch-aware speech recogniser.
 
     python train.py --rope mel --radii                 # FLEURS en_us, one CUDA GPU (downloads ~2 GB once)
-    python train.py --data synth --preset quick        # CPU quick start on built-in synthetic speech, ~5 min
+    python train.py --data synth --preset quick        # CPU quick start on built-in synthetic speech, ~4 min
     python train.py --resume --out_dir out/run         # continue an interrupted run exactly
 
 Defaults live in DEFAULTS below (nanoGPT style); every one of them is a --flag. A run directory holds
@@ -37,7 +37,8 @@ DEFAULTS = dict(
     d_model=384, n_heads=6, n_enc_layers=4, n_dec_layers=4, dropout=0.1,
     # optimisation
     batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05, warmup=500, steps=20000, grad_clip=1.0,
-    ctc_weight=0.3,  # CTC on the encoder alongside the decoder's loss: alignment is learnt far sooner
+    ctc_weight=0.3,  # CTC on the encoder beside the decoder's loss (hybrid CTC/attention): on small data
+                     # it gives the encoder a direct signal, and the decoder finds the alignment sooner
     # logging and evaluation
     log_interval=50, eval_interval=1000, eval_utts=200, out_dir="out/run",
     # system
@@ -46,19 +47,18 @@ DEFAULTS = dict(
 # The CPU quick start: a small model that learns the synthetic speech in a few minutes on 2 cores.
 PRESETS = {"quick": dict(data="synth", d_model=192, n_heads=4, n_enc_layers=2, n_dec_layers=2, dropout=0.0,
                          batch_size=32, lr=2e-3, warmup=100, steps=600, eval_interval=300, eval_utts=100,
-                         synth_train=2000, out_dir="out/quick"),
-           # the CPU ablation: a model small enough for 15 runs in about an hour on 2 cores
+                         synth_train=2000, ctc_weight=0.0, out_dir="out/quick"),  # CTC slows it down here
+           # the CPU ablation's model: about 14 minutes a run on one core (ablation.sh runs two at once)
            "small": dict(d_model=128, n_heads=4, n_enc_layers=2, n_dec_layers=2, batch_size=16, lr=3e-3,
                          warmup=100, steps=1200, eval_interval=1200, eval_utts=150, out_dir="out/small")}
 CHOICES = dict(data=["fleurs", "synth"], rope=["std", "mel"], band=["200-4000", "150-6000", "80-2000", "700-8000"],
                radius_mode=["relative", "hz"], dtype=["fp32", "bf16"])
 HELP = dict(ctc_weight="weight of the encoder's CTC loss (0: none; decoding always uses the decoder)",
             theta_mod="pitch-modulated theta: 'accumulate' (default when given, relative) or the seed's 'absolute'",
-            preset="start from a named preset (quick: CPU + synthetic speech; small: the CPU ablation's model)", resume="continue from out_dir/last.pt",
+            preset="start from a preset (quick: CPU quick start on synthetic speech; small: the ablation's model)",
+            resume="continue from out_dir/last.pt with its settings",
             dtype="bf16 autocast (default on CUDA) or fp32 (default on CPU)", base_url="FLEURS mirror")
 MAX_BAD_STEPS = 5  # non-finite losses in a row before giving up
-
-
 SYSTEM = ("device", "dtype", "compile")  # machine settings: never inherited from a resumed run
 
 
@@ -168,15 +168,15 @@ def resume(cfg, explicit):
     return cfg, model, tokenizer, ckpt
 
 
+STOP = []  # set by the first Ctrl-C
+
+
 def request_stop(signum, frame):
     """First Ctrl-C: finish this step, save last.pt, exit. A second one aborts at once."""
     if STOP:
         raise KeyboardInterrupt
     STOP.append(signum)
     tqdm.write("stopping after this step and saving last.pt (Ctrl-C again to abort without saving)")
-
-
-STOP = []
 
 
 def main(argv=None):
@@ -248,40 +248,42 @@ def main(argv=None):
     epoch_len = len(batch_indices(train.lengths, cfg["batch_size"], shuffle=True, seed=cfg["seed"]))
     bar = tqdm(total=cfg["steps"], initial=step, desc="train", dynamic_ncols=True)
     bad, audio_s, t0, first = 0, 0.0, time.time(), step
-    while step < cfg["steps"] and not STOP:
-        epoch, pos = divmod(step, epoch_len)
-        if pos == 0 or step == first:  # an epoch's batch order depends on (seed, epoch) alone
-            order = batch_indices(train.lengths, cfg["batch_size"], shuffle=True, seed=cfg["seed"] + epoch)
-        batch = make_batch(train, order[pos], tokenizer, device, specaugment=cfg["specaugment"])
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast:
-            loss = train_loss(model, batch, tokenizer.pad_id, cfg["ctc_weight"])
-        if torch.isfinite(loss):
-            bad = 0
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            opt.step()
-        else:
-            bad += 1
-            tqdm.write(f"warning: step {step}: loss is {loss.item()}, step skipped")
-            if bad >= MAX_BAD_STEPS:
+    try:
+        while step < cfg["steps"] and not STOP:
+            epoch, pos = divmod(step, epoch_len)
+            if pos == 0 or step == first:  # an epoch's batch order depends on (seed, epoch) alone
+                order = batch_indices(train.lengths, cfg["batch_size"], shuffle=True, seed=cfg["seed"] + epoch)
+            batch = make_batch(train, order[pos], tokenizer, device, specaugment=cfg["specaugment"])
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss = train_loss(model, batch, tokenizer.pad_id, cfg["ctc_weight"])
+            if torch.isfinite(loss):
+                bad = 0
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                opt.step()
+            else:
+                bad += 1
+                tqdm.write(f"warning: step {step}: loss is {loss.item()}, step skipped")
+                if bad >= MAX_BAD_STEPS:
+                    save("last.pt")
+                    raise SystemExit(f"error: {bad} non-finite losses in a row at step {step}; "
+                                     "try a lower --lr or --dtype fp32 (last.pt saved)")
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            audio_s += float(train.lengths[order[pos]].sum()) / 16000
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", audio=f"{audio_s / (time.time() - t0):.0f}x")
+            if step % cfg["log_interval"] == 0:
+                log.write(json.dumps(dict(step=step, loss=loss.item(), lr=lr)) + "\n")
+            if step % cfg["eval_interval"] == 0 or step == cfg["steps"]:
+                run_eval()
                 save("last.pt")
-                raise SystemExit(f"error: {bad} non-finite losses in a row at step {step}; "
-                                 "try a lower --lr or --dtype fp32 (last.pt saved)")
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        audio_s += float(train.lengths[order[pos]].sum()) / 16000
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", audio=f"{audio_s / (time.time() - t0):.0f}x")
-        if step % cfg["log_interval"] == 0:
-            log.write(json.dumps(dict(step=step, loss=loss.item(), lr=lr)) + "\n")
-        if step % cfg["eval_interval"] == 0 or step == cfg["steps"]:
-            run_eval()
-            save("last.pt")
-    bar.close()
-    signal.signal(signal.SIGINT, previous_handler)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
     save("last.pt")
     log.close()
     if STOP:
