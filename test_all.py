@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import tarfile
@@ -1152,22 +1153,41 @@ def test_train_resume_equals_uninterrupted_and_eval_runs():
                                 "--theta_mod", "--pitch_bias", "--seed", "3"]
         err, out = _train_run(common + ["--out_dir", a])
         assert err is None, out
-        # the same run, "Ctrl-C" during step 5 (through the real handler): it finishes the step, saves, exits
         real_lr_at = train.lr_at
-        train.lr_at = lambda step, cfg: (train.request_stop(2, None) if step == 5 and not train.STOP else None,
-                                         real_lr_at(step, cfg))[1]
-        try:
-            err, out = _train_run(common + ["--out_dir", b])
-        finally:
-            train.lr_at = real_lr_at
+
+        def interrupt(run_dir, at, stop):  # stop() during the step after `at` steps are done
+            train.lr_at = lambda step, cfg: (stop() if step == at and not train.STOP else None, real_lr_at(step, cfg))[1]
+            try:
+                return _train_run(common + ["--out_dir", run_dir, "--save_interval", "3"])
+            finally:
+                train.lr_at = real_lr_at
+
+        def crash():
+            raise RuntimeError("killed")
+        # b: SIGTERM (what `kill` sends; Ctrl-C takes the same handler) in step 6: finish it, save, exit
+        handler_before = signal.getsignal(signal.SIGTERM)
+        err, out = interrupt(b, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
         assert err and "interrupted at step 6" in err, (err, out)
         assert torch.load(os.path.join(b, "last.pt"), weights_only=False)["step"] == 6
-        err, out = _train_run(["--resume", "--out_dir", b])  # settings come from the checkpoint
-        assert err is None, out
-        la, lb = _train_losses(a), _train_losses(b)
-        assert sorted(la) == list(range(1, 9)) and sorted(lb) == list(range(1, 9)), (la, lb)
-        for step in range(1, 9):
-            assert abs(la[step] - lb[step]) < 1e-4, f"step {step}: {la[step]} uninterrupted vs {lb[step]} resumed"
+        assert signal.getsignal(signal.SIGTERM) == handler_before, "the run's handler outlived it"
+        # c: killed without warning in step 8: the last.pt of step 6 (save_interval 3, not an eval step) survives
+        c = os.path.join(tmp, "c")
+        try:
+            interrupt(c, 7, crash)
+        except RuntimeError:
+            pass
+        assert torch.load(os.path.join(c, "last.pt"), weights_only=False)["step"] == 6
+        la = _train_losses(a)
+        assert sorted(la) == list(range(1, 9)), la
+        for run in (b, c):
+            err, out = _train_run(["--resume", "--out_dir", run])  # settings come from the checkpoint
+            assert err is None, out
+            with open(os.path.join(run, "log.jsonl")) as f:
+                steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
+            assert steps == list(range(1, 9)), f"{run}: log.jsonl holds steps {steps}; each should appear once"
+            lr = _train_losses(run)
+            for step in range(1, 9):
+                assert abs(la[step] - lr[step]) < 1e-4, f"{run} step {step}: {la[step]} uninterrupted vs {lr[step]}"
         config = json.load(open(os.path.join(b, "config.json")))
         assert config["resumed"][0]["step"] == 6 and "--resume" in config["resumed"][0]["command"]
         buf = io.StringIO()

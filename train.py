@@ -6,7 +6,7 @@
 
 Defaults live in DEFAULTS below (nanoGPT style); every one of them is a --flag. A run directory holds
 config.json (all settings and the command line), log.jsonl (one line per log/eval), last.pt and best.pt
-(lowest dev WER). Ctrl-C saves last.pt before exiting.
+(lowest dev WER). last.pt is written every save_interval steps and on Ctrl-C or SIGTERM before exiting.
 """
 import argparse
 import json
@@ -41,6 +41,7 @@ DEFAULTS = dict(
                      # it gives the encoder a direct signal, and the decoder finds the alignment sooner
     # logging and evaluation
     log_interval=50, eval_interval=1000, eval_utts=200, out_dir="out/run",
+    save_interval=250,  # last.pt this often too, so a run killed without warning loses little
     # system
     device="cuda" if torch.cuda.is_available() else "cpu", dtype=None, compile=False, seed=0, resume=False,
 )
@@ -57,6 +58,7 @@ HELP = dict(ctc_weight="weight of the encoder's CTC loss (0: none; decoding alwa
             theta_mod="pitch-modulated theta: 'accumulate' (default when given, relative) or the seed's 'absolute'",
             preset="start from a preset (quick: CPU quick start on synthetic speech; small: the ablation's model)",
             resume="continue from out_dir/last.pt with its settings",
+            save_interval="also write last.pt every this many steps (it is always written at each evaluation)",
             dtype="bf16 autocast (default on CUDA) or fp32 (default on CPU)", base_url="FLEURS mirror")
 MAX_BAD_STEPS = 5  # non-finite losses in a row before giving up
 SYSTEM = ("device", "dtype", "compile")  # machine settings: never inherited from a resumed run
@@ -159,7 +161,7 @@ def resume(cfg, explicit):
     this machine's). Refuses flags that would change the model."""
     path = os.path.join(cfg["out_dir"], "last.pt")
     model, tokenizer, ckpt = load_checkpoint(path, cfg["device"])
-    cfg = {**ckpt["train_config"], **{k: cfg[k] for k in SYSTEM}, **explicit}
+    cfg = {**DEFAULTS, **ckpt["train_config"], **{k: cfg[k] for k in SYSTEM}, **explicit}
     wanted = asdict(model_config(cfg, tokenizer.vocab_size))
     clash = {k: (v, wanted[k]) for k, v in ckpt["model_config"].items() if wanted.get(k) != v}
     if clash:
@@ -168,15 +170,28 @@ def resume(cfg, explicit):
     return cfg, model, tokenizer, ckpt
 
 
-STOP = []  # set by the first Ctrl-C
+STOP = []  # set by the first Ctrl-C or SIGTERM
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # SIGTERM: what `kill` and job schedulers send
 
 
 def request_stop(signum, frame):
-    """First Ctrl-C: finish this step, save last.pt, exit. A second one aborts at once."""
+    """First Ctrl-C (or SIGTERM): finish this step, save last.pt, exit. A second one aborts at once."""
     if STOP:
         raise KeyboardInterrupt
     STOP.append(signum)
     tqdm.write("stopping after this step and saving last.pt (Ctrl-C again to abort without saving)")
+
+
+def open_log(path, step):
+    """log.jsonl for appending, without rows past `step`: those came after the checkpoint we resume from."""
+    rows = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+    log = open(path, "w")
+    log.writelines(rows)
+    log.flush()
+    return log
 
 
 def main(argv=None):
@@ -217,7 +232,7 @@ def main(argv=None):
     train_loss = torch.compile(loss_fn, dynamic=True) if cfg["compile"] else loss_fn
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16")
     dev_idx = list(range(min(cfg["eval_utts"], len(dev))))
-    log = open(os.path.join(out, "log.jsonl"), "a")
+    log = open_log(os.path.join(out, "log.jsonl"), step)
     print(f"{cfg['data']}: {len(train)} train / {len(dev)} dev utterances; model {model.num_params() / 1e6:.2f}M "
           f"params; {device} {cfg['dtype']}; steps {step} -> {cfg['steps']}; run dir {out}")
 
@@ -243,7 +258,7 @@ def main(argv=None):
             save("best.pt")
 
     STOP.clear()
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    previous_handlers = [signal.signal(s, request_stop) for s in STOP_SIGNALS]
     model.train()
     epoch_len = len(batch_indices(train.lengths, cfg["batch_size"], shuffle=True, seed=cfg["seed"]))
     bar = tqdm(total=cfg["steps"], initial=step, desc="train", dynamic_ncols=True)
@@ -281,8 +296,11 @@ def main(argv=None):
             if step % cfg["eval_interval"] == 0 or step == cfg["steps"]:
                 run_eval()
                 save("last.pt")
+            elif step % cfg["save_interval"] == 0:
+                save("last.pt")
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in zip(STOP_SIGNALS, previous_handlers):
+            signal.signal(s, handler)
         bar.close()
     save("last.pt")
     log.close()
