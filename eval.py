@@ -109,13 +109,14 @@ def evaluate(model, corpus, tokenizer, indices=None, batch_size=32, device="cpu"
 
 
 def _fmt(values, pct=True, digits=1):
-    """'12.3' for one value, '12.3 +- 0.4' (mean +- sample std) for several; as percentages if pct."""
-    values = [100 * v if pct else v for v in values if v is not None]
-    if not values:
+    """'12.3' for one value, '12.3 +- 0.4' (mean +- sample std) for several; as percentages if pct.
+    Missing values (None: a run not evaluated yet) are left out and the count that remains is shown."""
+    present = [100 * v if pct else v for v in values if v is not None]
+    if not present:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+    text = (f"{present[0]:.{digits}f}" if len(present) == 1 else
+            f"{statistics.mean(present):.{digits}f} +- {statistics.stdev(present):.{digits}f}")
+    return text if len(present) == len(values) else f"{text} (n={len(present)})"
 
 
 def read_run(run_dir):

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -1199,7 +1200,13 @@ def test_train_resume_equals_uninterrupted_and_eval_runs():
         assert len(lines) == 7 and lines[0].startswith("reference\thypothesis")
         table = evaluation.compare([a, b])
         assert table.count("\n") == 2, "two runs of one configuration pool into one row"
-        assert "mel" in table and "+-" in table
+        row = table.splitlines()[2].split(" | ")  # only b was decoded on test: its cells say n=1
+        assert "mel" in row and "+-" in row[10] and "(n=" not in row[10] and row[-1].endswith("(n=1) |"), row
+        unfinished = os.path.join(tmp, "d")  # started, never evaluated: counted as a seed, but no numbers
+        os.makedirs(unfinished)
+        shutil.copy(os.path.join(a, "config.json"), unfinished)
+        row = evaluation.compare([a, b, unfinished]).splitlines()[2].split(" | ")
+        assert row[8] == "3" and row[10].endswith("(n=2)") and row[-1].endswith("(n=1) |"), row
 
 
 def test_train_skips_non_finite_losses_then_gives_up():
