@@ -15,11 +15,11 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
-from data import SR, log_mel
+from data import SR, Tokenizer, log_mel
 from model import ASRModel, ModelConfig
 from pitch import envelope, f0_autocorr
+from train import loss_fn
 
 CONFIGS = {  # the ablation's five configurations, each adding one switch
     "std": dict(),
@@ -97,11 +97,12 @@ def bench_training(device, base, B, seconds, L, dtype):
         model = ASRModel(config).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         mel, f0, tokens, lengths = batch_for(config, B, seconds, L, device)
+        batch = dict(mel=mel, f0=f0, tokens=tokens, mel_lengths=lengths)
 
         def step():
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                logits = model(mel, f0, tokens[:, :-1], lengths)
-            F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+                loss = loss_fn(model, batch, Tokenizer.pad_id)  # the training loss, decoder only
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):

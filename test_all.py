@@ -45,6 +45,17 @@ from rope import BANDS, apply_rotary, mel_freqs, rope_angles, rope_radius, rotar
 torch.set_num_threads(1)
 
 
+def _raises(fn, errors, *words):
+    """Run fn and expect one of `errors` whose message holds every word; return the message."""
+    try:
+        fn()
+    except errors as e:
+        missing = [w for w in words if w not in str(e)]
+        assert not missing, f"{type(e).__name__} message {str(e)!r} lacks {missing}"
+        return str(e)
+    raise AssertionError(f"no error raised (expected {errors} mentioning {words})")
+
+
 # ----------------------------------------------------------------------------------------------------
 # pitch.py
 
@@ -224,33 +235,24 @@ def test_pitch_pool_f0():
     assert pool_f0(torch.zeros(2, 5, 101)).shape == (2, 5, 51), "pooled length must be ceil(T / 2)"
 
 
-def _pitch_raises(fn, error, words):
-    try:
-        fn()
-    except error as e:
-        assert all(w in str(e) for w in words), f"{error.__name__} message {str(e)!r} does not mention {words}"
-        return
-    raise AssertionError(f"expected {error.__name__} mentioning {words}")
-
-
 def test_pitch_bad_input_errors():
     ok = torch.randn(4000)
-    _pitch_raises(lambda: f0_autocorr(ok.numpy()), TypeError, ["torch.Tensor"])
-    _pitch_raises(lambda: f0_autocorr(ok > 0), TypeError, ["real samples", "bool"])
-    _pitch_raises(lambda: f0_autocorr(ok.to(torch.complex64)), TypeError, ["real samples"])
-    _pitch_raises(lambda: f0_autocorr(torch.zeros(0)), ValueError, ["empty"])
-    _pitch_raises(lambda: f0_autocorr(torch.zeros(4, 0)), ValueError, ["empty"])
-    _pitch_raises(lambda: f0_autocorr(torch.zeros(500)), ValueError, ["500 samples", "analysis window"])
+    _raises(lambda: f0_autocorr(ok.numpy()), TypeError, "torch.Tensor")
+    _raises(lambda: f0_autocorr(ok > 0), TypeError, "real samples", "bool")
+    _raises(lambda: f0_autocorr(ok.to(torch.complex64)), TypeError, "real samples")
+    _raises(lambda: f0_autocorr(torch.zeros(0)), ValueError, "empty")
+    _raises(lambda: f0_autocorr(torch.zeros(4, 0)), ValueError, "empty")
+    _raises(lambda: f0_autocorr(torch.zeros(500)), ValueError, "500 samples", "analysis window")
     for bad in (math.nan, math.inf):
-        _pitch_raises(lambda: f0_autocorr(torch.cat([ok, torch.tensor([bad])])), ValueError, ["NaN or inf"])
-        _pitch_raises(lambda: hilbert(torch.tensor([0.0, bad])), ValueError, ["NaN or inf"])
-    _pitch_raises(lambda: f0_autocorr(ok, fmin=300.0, fmax=200.0), ValueError, ["fmin", "fmax"])
-    _pitch_raises(lambda: f0_autocorr(ok, fmin=0.0), ValueError, ["fmin"])
-    _pitch_raises(lambda: f0_autocorr(ok, fmax=9000.0), ValueError, ["Nyquist"])
+        _raises(lambda: f0_autocorr(torch.cat([ok, torch.tensor([bad])])), ValueError, "NaN or inf")
+        _raises(lambda: hilbert(torch.tensor([0.0, bad])), ValueError, "NaN or inf")
+    _raises(lambda: f0_autocorr(ok, fmin=300.0, fmax=200.0), ValueError, "fmin", "fmax")
+    _raises(lambda: f0_autocorr(ok, fmin=0.0), ValueError, "fmin")
+    _raises(lambda: f0_autocorr(ok, fmax=9000.0), ValueError, "Nyquist")
     for hop in (0, -160, 160.0, True):
-        _pitch_raises(lambda: f0_autocorr(ok, hop=hop), ValueError, ["hop"])
-    _pitch_raises(lambda: envelope(ok, hop=0), ValueError, ["hop"])
-    _pitch_raises(lambda: pool_f0(ok, factor=0), ValueError, ["factor"])
+        _raises(lambda: f0_autocorr(ok, hop=hop), ValueError, "hop")
+    _raises(lambda: envelope(ok, hop=0), ValueError, "hop")
+    _raises(lambda: pool_f0(ok, factor=0), ValueError, "factor")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,12 +430,7 @@ def test_rope_batched_f0_and_dtypes():
 
 def test_rope_bad_input_errors():
     def raises(fn, words):
-        try:
-            fn()
-        except (ValueError, TypeError) as e:
-            assert words in str(e), f"message {str(e)!r} lacks {words!r}"
-            return
-        raise AssertionError(f"no error raised (expected one mentioning {words!r})")
+        _raises(fn, (ValueError, TypeError), words)
     raises(lambda: std_freqs(7), "head_dim")
     raises(lambda: mel_freqs(8, fmin=4000.0, fmax=200.0), "fmin < fmax")
     raises(lambda: rope_angles(5, 8, f0=torch.tensor([100.0, -1, 0, 0, 0]), theta_mod="accumulate"), "negative")
@@ -681,18 +678,8 @@ def test_model_bad_input_errors():
     mel, f0, tokens = _model_inputs()
     for args, words in [((mel, f0[:, :-1], tokens), "f0 must be"), ((mel, f0, tokens + 30), "tokens must be"),
                         ((mel[:, :40], f0, tokens), "n_mels"), ((mel, f0, tokens.float()), "tokens must be")]:
-        try:
-            m(*args)
-        except ValueError as e:
-            assert words in str(e), (words, str(e))
-        else:
-            raise AssertionError(f"no error for {words}")
-    try:
-        ASRModel(ModelConfig(d_model=30, n_heads=4))
-    except ValueError as e:
-        assert "heads" in str(e)
-    else:
-        raise AssertionError("d_model not divisible by heads accepted")
+        _raises(lambda: m(*args), ValueError, words)
+    _raises(lambda: ASRModel(ModelConfig(d_model=30, n_heads=4)), ValueError, "heads")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -786,17 +773,6 @@ def _data_server(directory):
         server.server_close()
 
 
-def _data_raises(fn, *words):
-    """Run fn, expect a data.DataError whose message contains every word; return the message."""
-    try:
-        fn()
-    except data.DataError as e:
-        missing = [w for w in words if w not in str(e)]
-        assert not missing, f"error message lacks {missing}: {e}"
-        return str(e)
-    raise AssertionError(f"expected a DataError mentioning {words}")
-
-
 _DATA_ARCHIVE = "/data/en_us/audio/train.tar.gz"
 
 
@@ -827,7 +803,8 @@ def test_data_download_resumes_across_runs_and_restarts_if_range_is_ignored():
         root = os.path.join(tmp, "data")
         with _data_server(src) as (state, url):
             state["cut"].add(_DATA_ARCHIVE)  # a run that dies half-way (no retries left) ...
-            _data_raises(lambda: data.download_fleurs("en_us", root, ("train",), url, retries=0), "train.tar.gz")
+            _raises(lambda: data.download_fleurs("en_us", root, ("train",), url, retries=0), data.DataError,
+                    "train.tar.gz")
             part = os.path.join(root, "en_us", "audio", "train.tar.gz.part")
             assert os.path.getsize(part) == size // 2, "the partial download was not kept"
             state["ignore_range"] = True  # ... and a server that then ignores Range: start over, cleanly
@@ -847,7 +824,8 @@ def test_data_corrupt_archive_is_reported_and_not_trusted():
             f.write(bad)
         root = os.path.join(tmp, "data")
         with _data_server(src) as (state, url):
-            _data_raises(lambda: data.download_fleurs("en_us", root, ("train",), url), "train.tar.gz", "corrupt")
+            _raises(lambda: data.download_fleurs("en_us", root, ("train",), url), data.DataError,
+                    "train.tar.gz", "corrupt")
             audio = os.path.join(root, "en_us", "audio")
             assert sorted(os.listdir(audio)) == [], f"something of the corrupt archive was left: {os.listdir(audio)}"
             with open(src + _DATA_ARCHIVE, "wb") as f:  # the mirror is fixed: the next run fetches the archive again
@@ -865,7 +843,8 @@ def test_data_unsafe_tar_members_are_refused():
             src = _data_tree(os.path.join(tmp, "server"), [_data_row(0, "ok.wav", "ok", 1600)], members)
             root = os.path.join(tmp, "deep", "data")
             with _data_server(src) as (state, url):
-                _data_raises(lambda: data.download_fleurs("en_us", root, ("train",), url), "refusing", repr(name))
+                _raises(lambda: data.download_fleurs("en_us", root, ("train",), url), data.DataError,
+                        "refusing", repr(name))
             written = [os.path.join(d, f) for d, _, fs in os.walk(tmp) for f in fs if f == "evil.wav"]
             assert not written, f"{name!r}: wrote {written}"
             assert not os.path.exists(os.path.join(root, "en_us", "audio", "train")), f"{name!r}: split trusted"
@@ -918,8 +897,8 @@ def test_data_download_errors_are_clear():
         with _data_server(src) as (state, url):
             os.environ["FLEURS_BASE_URL"] = url  # the mirror comes from the environment here
             try:
-                msg = _data_raises(lambda: data.download_fleurs("xx_yy", os.path.join(tmp, "data")), "'xx_yy'",
-                                   "language code", "404")
+                msg = _raises(lambda: data.download_fleurs("xx_yy", os.path.join(tmp, "data")), data.DataError,
+                              "'xx_yy'", "language code", "404")
                 assert url in msg, f"the env var's base URL was not used: {msg}"
             finally:
                 del os.environ["FLEURS_BASE_URL"]
@@ -928,11 +907,12 @@ def test_data_download_errors_are_clear():
             closed = f"http://127.0.0.1:{s.getsockname()[1]}"
         offline = lambda: data.download_fleurs("en_us", os.path.join(tmp, "data"), ("train",), closed, retries=1,
                                                backoff=0.01)
-        _data_raises(offline, "could not download", "--data synth", "FLEURS_BASE_URL")
+        _raises(offline, data.DataError, "could not download", "--data synth", "FLEURS_BASE_URL")
         blocker = os.path.join(tmp, "a_file")
         open(blocker, "w").close()
         bad_root = os.path.join(blocker, "data")  # under a plain file: unwritable even for root
-        _data_raises(lambda: data.download_fleurs("en_us", bad_root, ("train",), closed), repr(bad_root), "--root")
+        _raises(lambda: data.download_fleurs("en_us", bad_root, ("train",), closed), data.DataError,
+                repr(bad_root), "--root")
 
 
 def _data_numpy_log_mel(x):
@@ -1086,12 +1066,7 @@ def test_eval_wer_cer_hand_computed():
     assert wer("", "a b c") == 3 and cer("", "ab c") == 4
     assert wer("a b", "") == 1.0 and cer("ab", "") == 1.0
     assert wer(["a b", ""], ["a b", "c d"]) == 1.0
-    try:
-        wer(["a"], ["a", "b"])
-    except ValueError as e:
-        assert "hypotheses" in str(e)
-    else:
-        raise AssertionError("mismatched list lengths accepted")
+    _raises(lambda: wer(["a"], ["a", "b"]), ValueError, "hypotheses")
 
 
 def _eval_levenshtein_recursive(a, b):

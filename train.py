@@ -274,14 +274,15 @@ def main(argv=None):
                 group["lr"] = lr
             with autocast:
                 loss = train_loss(model, batch, tokenizer.pad_id, cfg["ctc_weight"])
-            if torch.isfinite(loss):
+            value = loss.item()  # the one device sync of the step
+            if math.isfinite(value):
                 bad = 0
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
                 opt.step()
             else:
                 bad += 1
-                tqdm.write(f"warning: step {step}: loss is {loss.item()}, step skipped")
+                tqdm.write(f"warning: step {step}: loss is {value}, step skipped")
                 if bad >= MAX_BAD_STEPS:
                     save("last.pt")
                     raise SystemExit(f"error: {bad} non-finite losses in a row at step {step}; "
@@ -290,9 +291,9 @@ def main(argv=None):
             step += 1
             audio_s += float(train.lengths[order[pos]].sum()) / 16000
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", audio=f"{audio_s / (time.time() - t0):.0f}x")
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.1e}", audio=f"{audio_s / (time.time() - t0):.0f}x")
             if step % cfg["log_interval"] == 0:
-                log.write(json.dumps(dict(step=step, loss=loss.item(), lr=lr)) + "\n")
+                log.write(json.dumps(dict(step=step, loss=value, lr=lr)) + "\n")
             if step % cfg["eval_interval"] == 0 or step == cfg["steps"]:
                 run_eval()
                 save("last.pt")
@@ -302,9 +303,9 @@ def main(argv=None):
         for s, handler in zip(STOP_SIGNALS, previous_handlers):
             signal.signal(s, handler)
         bar.close()
-    save("last.pt")
     log.close()
-    if STOP:
+    if STOP:  # a finished run saved last.pt at its final evaluation
+        save("last.pt")
         raise SystemExit(f"interrupted at step {step}; saved {out}/last.pt (continue with --resume --out_dir {out})")
     print(f"done: best dev WER {100 * best_wer:.1f}%; checkpoints in {out}")
 
