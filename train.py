@@ -1,6 +1,6 @@
 """Train the pitch-aware speech recogniser.
 
-    python train.py --rope mel --radii                 # FLEURS en_us, one CUDA GPU (downloads ~2 GB once)
+    python train.py --rope mel --radii                 # FLEURS en_us, one CUDA GPU (downloaded once)
     python train.py --data synth --preset quick        # CPU quick start on built-in synthetic speech, ~4 min
     python train.py --resume --out_dir out/run         # continue an interrupted run exactly
 
